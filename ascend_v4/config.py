@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -173,7 +174,18 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        ratios = self.compress_ratios
+        if not isinstance(ratios, (list, tuple)) or any(
+                isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in ratios):
+            raise ConfigError(f"config key 'compress_ratios': expected a list of integers "
+                              f"(allowed values {ALLOWED_RATIOS}), got {ratios!r}")
+        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in ratios))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            # an int given for a float field (``rope_theta: 10000``) is the same config: store it as a
+            # float so that to_dict() and config_hash() do not depend on how the number was written.
+            if f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, f.name, float(v))
         self.validate()
 
     def validate(self) -> None:
@@ -277,10 +289,10 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
         try:
+            text = path.read_text(encoding="utf-8")
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot parse: {e}") from None
         return cls.from_dict(data, source=str(path))
 
@@ -349,10 +361,11 @@ def _from_official(data: Mapping[str, Any], source: str) -> dict[str, Any]:
                 raise ConfigError(f"{source}: config key 'expert_dtype' is {value!r}; allowed values are {EXPERT_FORMATS}")
             out["expert_format"] = value
         elif key in names:
-            out[key] = tuple(value) if key == "compress_ratios" else value
+            out[key] = value  # compress_ratios: a list, checked and made a tuple by ModelConfig
         else:
             raise ConfigError(f"{source}: unknown config key {key!r} (not a V4 config.json key this project knows)")
-    if "quantization_config" not in data:
+    if data.get("quantization_config") is None:
+        # no (or a null) quantization_config: a bf16 checkpoint, experts included.
         out.setdefault("weight_format", "bf16")
         out.setdefault("expert_format", "bf16")
     elif "expert_dtype" not in data:

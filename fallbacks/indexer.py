@@ -5,7 +5,8 @@
 O(chunk · heads · keys), never O(S² · heads).
 
 ``indexer_topk``: top-k over the compressed entries a query may see, s < ⌊(p+1)/ratio⌋;
-returns int64 [B, S, min(k, N)] with −1 in every slot that has no valid entry.
+returns int64 [B, S, min(k, N)] with −1 in every slot that has no valid entry.  Equal scores
+are taken lowest index first (deterministic; the reference kernel leaves ties undefined).
 """
 
 from __future__ import annotations
@@ -62,5 +63,7 @@ def indexer_topk(scores: torch.Tensor, k: int, positions: torch.Tensor, ratio: i
         return torch.empty(B, S, 0, dtype=torch.int64, device=scores.device)
     cand = torch.arange(N, device=scores.device)
     masked = scores.masked_fill(cand >= limit.unsqueeze(-1), float("-inf"))
-    idx = masked.topk(width, dim=-1).indices
+    # a stable descending sort breaks ties (ReLU makes exact-zero scores common) by the lower
+    # index, so prefill, chunked prefill and decode select the same entries
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :width]
     return idx.masked_fill(idx >= limit.unsqueeze(-1), -1)

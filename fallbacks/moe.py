@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import INDEX_DTYPES, check_tensor
+from .quant import fp8_fake_quant
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 _CHUNK_ROWS = 1 << 16  # (token, expert) assignments per chunk
@@ -82,8 +83,13 @@ def moe_gate(logits: torch.Tensor, *, bias: torch.Tensor | None = None, k: int, 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, w3: torch.Tensor, *, swiglu_limit: float = 0.0,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [T, d], weights/indices [T, k], w1/w3 [E, I, d], w2 [E, d, I] → [T, d] (x.dtype unless out_dtype)."""
+                out_dtype: torch.dtype | None = None, act_quant_block: int | None = None) -> torch.Tensor:
+    """x [T, d], weights/indices [T, k], w1/w3 [E, I, d], w2 [E, d, I] → [T, d] (x.dtype unless out_dtype).
+
+    ``act_quant_block``: when set, the hidden activation h is rounded to e4m3 in blocks of that
+    size before W2, as the FP8-activation × FP4/FP8-weight GEMM of the reference does (§13.2);
+    the caller quantises x itself (it is shared by every expert).
+    """
     op = "moe_experts"
     check_tensor(op, "x", x, dim=2)
     check_tensor(op, "weights", weights, dim=2)
@@ -111,11 +117,12 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     flat_t = torch.arange(T, device=x.device).repeat_interleave(k)
     for r0 in range(0, flat_e.numel(), _CHUNK_ROWS):  # bounded buffers for very large batches
         r1 = min(flat_e.numel(), r0 + _CHUNK_ROWS)
-        _experts_chunk(x, flat_t[r0:r1], flat_e[r0:r1], flat_w[r0:r1], w1, w2, w3, swiglu_limit, y)
+        _experts_chunk(x, flat_t[r0:r1], flat_e[r0:r1], flat_w[r0:r1], w1, w2, w3, swiglu_limit, y,
+                       act_quant_block)
     return y.to(out_dtype or x.dtype)
 
 
-def _experts_chunk(x, tok, exp, wr, w1, w2, w3, limit, y) -> None:
+def _experts_chunk(x, tok, exp, wr, w1, w2, w3, limit, y, act_quant_block) -> None:
     order = torch.argsort(exp, stable=True)
     tok, exp, wr = tok[order], exp[order], wr[order]
     active, group, counts = torch.unique_consecutive(exp, return_inverse=True, return_counts=True)
@@ -132,5 +139,7 @@ def _experts_chunk(x, tok, exp, wr, w1, w2, w3, limit, y) -> None:
     wbuf = y.new_zeros(active.numel(), cap)
     wbuf[group, rank] = wr
     h = (F.silu(gate) * up * wbuf.unsqueeze(-1)).to(x.dtype)
+    if act_quant_block:
+        h = fp8_fake_quant(h, act_quant_block)
     out = torch.bmm(h, w2[active].transpose(1, 2))                  # [A, cap, d] in x.dtype
     y.index_add_(0, tok, out[group, rank].to(y.dtype))
