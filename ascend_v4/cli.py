@@ -1,4 +1,8 @@
-"""The ``ascend-v4`` command line: ``ops`` (op × backend table), ``config`` (show a resolved config)."""
+"""The ``ascend-v4`` command line.
+
+``generate`` (the main job: a prompt through prefill and decode with the compressed cache), ``ops``
+(op × backend table for this machine), ``config`` (a resolved model config).
+"""
 
 from __future__ import annotations
 
@@ -51,10 +55,93 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MODEL = "small"
+DEFAULT_PROMPT_IDS = [0, 17, 42, 256, 1024, 7, 99, 3000, 12, 512, 64, 2048, 5, 77, 888, 31]
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be integers separated by commas or spaces, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty")
+    return ids
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import generate
+    from .loader import load_model
+
+    if args.greedy:
+        args.temperature = 0.0
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, fake_quant=args.fake_quant,
+                       seed=args.seed, progress=not args.quiet)
+    cfg = model.config
+    random_weights = not __import__("pathlib").Path(args.model).is_dir()
+    tok = getattr(model, "tokenizer", None)
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ValueError("give either --prompt or --prompt-ids, not both")
+    if args.prompt is not None:
+        if tok is None:
+            raise ValueError("--prompt needs a tokenizer.json in the model directory (and the 'tokenizers' "
+                             "package); use --prompt-ids instead")
+        ids = [cfg.bos_token_id] + tok.encode(args.prompt, add_special_tokens=False).ids
+    elif args.prompt_ids is not None:
+        ids = _parse_ids(args.prompt_ids)
+    else:
+        ids = [i % cfg.vocab_size for i in DEFAULT_PROMPT_IDS]
+    what = (f"{args.model} preset with RANDOM weights (seed {args.seed}): the output tokens are meaningless; "
+            f"pass --model DIR for a real checkpoint") if random_weights else f"checkpoint {args.model}"
+    print(f"model: {what}")
+    print(f"config: {cfg.name}, {cfg.num_hidden_layers} layers "
+          f"({cfg.layer_ratios.count(0)} SWA, {cfg.layer_ratios.count(4)} CSA, {cfg.layer_ratios.count(128)} HCA), "
+          f"hidden {cfg.hidden_size}, dtype {model.dtype}, device {model.device}, fake-quant {model.fake_quant}")
+    print(f"prompt ids ({len(ids)}): {ids}")
+    print("output: ", end="", flush=True)
+
+    def on_token(row: int, token: int) -> None:
+        piece = tok.decode([token]) if tok is not None else f"{token} "
+        print(piece, end="", flush=True)
+
+    res = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed, mtp=args.mtp, eos_token_id=cfg.eos_token_id if tok is not None else None,
+                   on_token=on_token)
+    print()
+    line = (f"prefill {res.prefill_tokens} tok in {res.prefill_seconds:.3f}s ({res.prefill_tokens_per_s:.1f} tok/s) | "
+            f"decode {res.decode_tokens} tok in {res.decode_seconds:.3f}s ({res.decode_tokens_per_s:.1f} tok/s) | "
+            f"peak memory {res.peak_memory_bytes / 2**20:.0f} MiB")
+    if args.mtp:
+        line += f" | MTP accepted {res.mtp_accepted}/{res.mtp_drafted} drafts ({100 * res.mtp_acceptance:.0f}%)"
+    print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-v4", description="DeepSeek V4 on Ascend NPUs, with reference numerics.")
     p.add_argument("-v", "--verbose", action="store_true", help="log dispatch decisions and fallbacks")
     sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("generate", help="generate tokens (default: the small preset with random weights)")
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory, preset ({', '.join(preset_names())}) or YAML config "
+                        f"(default: {DEFAULT_MODEL}, random weights)")
+    s.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    s.add_argument("--prompt-ids", help="prompt token ids, e.g. '0,17,42'")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler and of random weights")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp64"])
+    s.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP block (batch 1)")
+    s.add_argument("--fake-quant", dest="fake_quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="QAT fake-quant points (default: on for FP8/FP4 checkpoints, off otherwise)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar while loading")
+    s.set_defaults(func=_cmd_generate)
     s = sub.add_parser("ops", help="print the op x backend table for this machine")
     s.set_defaults(func=_cmd_ops)
     s = sub.add_parser("config", help="print a resolved model config (preset, YAML or config.json)")
