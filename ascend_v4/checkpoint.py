@@ -43,7 +43,7 @@ from .checkpoint_names import (OfficialTensor, is_mtp_name, is_shared_mtp_name, 
 from .config import ConfigError, ModelConfig, official_config_dict
 
 __all__ = ["CheckpointError", "FP4_VALUES", "dequant_fp8", "quant_fp8", "unpack_fp4", "pack_fp4", "e8m0_to_float",
-           "load_weights", "load_model", "save_model", "INDEX_FILE", "SINGLE_FILE", "CONFIG_FILE"]
+           "load_weights", "save_model", "INDEX_FILE", "SINGLE_FILE", "CONFIG_FILE"]
 
 log = logging.getLogger("ascend_v4.checkpoint")
 
@@ -170,12 +170,15 @@ def unpack_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """|x| ≤ 6 → nibble codes (uint8) of the nearest e2m1 value, ties to the even code."""
-    mid = _FP4_MIDPOINTS.to(x.device)
     mag = x.abs()
-    code = torch.bucketize(mag, mid)  # mid[c-1] < mag ≤ mid[c] → c: a tie picks the lower code
-    tie = (code < len(mid)) & (mag == mid[code.clamp(max=len(mid) - 1)]) & (code % 2 == 1)
-    code = code + tie.long()
-    return (code | (torch.signbit(x).long() << 3)).to(torch.uint8)
+    code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    tie = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    for c, m in enumerate(_FP4_MIDPOINTS.tolist()):  # 7 thresholds, each a whole-tensor op
+        code += mag > m  # code = number of midpoints strictly below |x|: a tie picks the lower code c
+        if c % 2 == 1:   # ... which is odd at 0.75, 1.75 and 3.5: round those ties up to the even code
+            tie |= mag == m
+    code += tie
+    return code | (torch.signbit(x).to(torch.uint8) << 3)
 
 
 def pack_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,13 +251,13 @@ def _header_diagnosis(file: Path) -> tuple[str, list[str]]:
 
 def _open(stack: ExitStack, file: Path, listed: list[str]):
     if not file.is_file():
-        raise CheckpointError(file, listed[0] if listed else None,
+        raise CheckpointError(file, min(listed) if listed else None,
                               f"shard file is missing ({len(listed)} tensors are mapped to it in {INDEX_FILE})")
     try:
         return stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
     except Exception as e:  # SafetensorError, OSError, ...: rewrap with the file and a tensor name
         reason, hit = _header_diagnosis(file)
-        tensor = hit[0] if hit else (listed[0] if listed else None)
+        tensor = hit[0] if hit else (min(listed) if listed else None)
         extra = f" ({len(hit)} tensors affected)" if len(hit) > 1 else ""
         raise CheckpointError(file, tensor if tensor is not None else "<unknown: header unreadable>",
                               f"cannot open the safetensors file: {reason}{extra}; {type(e).__name__}: {e}") from None
@@ -302,11 +305,11 @@ def _check_item(item: _Item, cfg: ModelConfig) -> None:
     t, src, mode = item.t, item.src, item.mode
     shape = t.shape
     fmt = (f"weight_format {cfg.weight_format!r}" if t.kind == "fp8" else
-           f"expert_format {cfg.expert_format!r}" if t.kind == "expert" else f"a {t.kind} tensor")
+           f"expert_format {cfg.expert_format!r}" if t.kind == "expert" else f"a plain {t.kind} tensor")
 
     def bad_dtype(want: str, what: Any = None) -> CheckpointError:
         s = what or src
-        return CheckpointError(s.file, s.key, f"dtype {s.dtype} is not allowed: {fmt} stores it as {want}")
+        return CheckpointError(s.file, s.key, f"dtype {s.dtype} is not allowed: {fmt} needs {want}")
 
     def bad_shape(want, what: Any = None, note: str = "") -> CheckpointError:
         s = what or src
@@ -348,6 +351,13 @@ def _check_item(item: _Item, cfg: ModelConfig) -> None:
                                                    f"{t.name!r}: {fmt} needs {' or '.join(s_dtypes)}")
         if sc.shape != want_s:
             raise bad_shape(want_s, sc, f" (block scale of {t.name!r})")
+
+
+def _read(handle, src: _Src) -> torch.Tensor:
+    try:
+        return handle.get_tensor(src.key)
+    except Exception as e:  # e.g. the file changed under the memory map
+        raise CheckpointError(src.file, src.key, f"cannot read the tensor data: {type(e).__name__}: {e}") from None
 
 
 @torch.no_grad()
@@ -425,41 +435,40 @@ def load_weights(model, path, *, progress: bool = True) -> dict[str, Any]:
             plain = {it.t.name for it in items if it.mode not in ("fp8", "fp4")}
             why = (f"a block scale, but the checkpoint format ({cfg_source}: weight_format {cfg.weight_format!r}, "
                    f"expert_format {cfg.expert_format!r}) stores {weight!r} unquantised" if weight in plain
-                   else "not a tensor of this model")
+                   else "not a tensor of this model (it has no MTP block: num_nextn_predict_layers = 0)"
+                   if is_mtp_name(unexpected[0]) and not model_mtp else "not a tensor of this model")
             more = f" ({len(unexpected)} unexpected tensors, e.g. {unexpected[:4]})" if len(unexpected) > 1 else ""
             raise CheckpointError(src.file, src.key, f"unexpected tensor: {why}{more}")
 
-        # ---- dtypes and shapes, still from the headers only
+        # ---- dtypes and shapes, still from the headers only; the small integer tables by value
+        n_experts = model.config.n_routed_experts
+        tables: dict[str, torch.Tensor] = {}
         for item in items:
             _check_item(item, cfg)
+            if item.mode == "int":
+                src = item.src
+                v = _read(handles[src.file], src)
+                if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n_experts):
+                    raise CheckpointError(src.file, src.key, f"expert ids must lie in [0, {n_experts - 1}], got "
+                                                             f"range [{int(v.min())}, {int(v.max())}]")
+                tables[item.t.name] = v
 
         # ---- data, one tensor at a time
         n_bytes = 0
-        n_experts = model.config.n_routed_experts
         for item in tqdm(items, desc="loading weights", unit="tensor", disable=not progress):
             t, src = item.t, item.src
             dst = state[t.module_name]
             if t.expert is not None:
                 dst = dst[t.expert]
-            f = handles[src.file]
-            try:
-                raw = f.get_tensor(src.key)
-                n_bytes += raw.numel() * raw.element_size()
-                if item.mode in ("fp8", "fp4"):
-                    s = handles[item.scale.file].get_tensor(item.scale.key)
-                    n_bytes += s.numel() * s.element_size()
-                    hp = torch.float64 if dst.dtype == torch.float64 else torch.float32
-                    value = dequant_fp8(raw, s, dtype=hp) if item.mode == "fp8" else unpack_fp4(raw, s)
-                else:
-                    value = raw
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(src.file, src.key, f"cannot read the tensor data: {type(e).__name__}: {e}") from None
-            if item.mode == "int" and t.name.endswith("tid2eid") and value.numel() and (
-                    int(value.min()) < 0 or int(value.max()) >= n_experts):
-                raise CheckpointError(src.file, src.key, f"expert ids must lie in [0, {n_experts - 1}], got range "
-                                                         f"[{int(value.min())}, {int(value.max())}]")
+            raw = tables.pop(t.name) if t.name in tables else _read(handles[src.file], src)
+            n_bytes += raw.numel() * raw.element_size()
+            if item.mode in ("fp8", "fp4"):
+                s = _read(handles[item.scale.file], item.scale)
+                n_bytes += s.numel() * s.element_size()
+                hp = torch.float64 if dst.dtype == torch.float64 else torch.float32
+                value = dequant_fp8(raw, s, dtype=hp) if item.mode == "fp8" else unpack_fp4(raw, s)
+            else:
+                value = raw
             dst.copy_(value)
 
     if len(model.mtp):
@@ -472,20 +481,6 @@ def load_weights(model, path, *, progress: bool = True) -> dict[str, Any]:
     return {"path": str(root), "files": files, "tensors": len(items), "bytes": n_bytes, "mtp": mtp_loaded,
             "skipped": skipped, "weight_format": cfg.weight_format, "expert_format": cfg.expert_format,
             "scale_format": cfg.scale_format, "format_source": cfg_source}
-
-
-def load_model(path, *, dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True):
-    """Build a :class:`~ascend_v4.model.V4Model` from a checkpoint directory's ``config.json`` and load it."""
-    from .model import V4Model
-
-    root = Path(path)
-    try:
-        cfg = ModelConfig.from_file(root)
-    except ConfigError as e:
-        raise CheckpointError(root / CONFIG_FILE, None, str(e)) from None
-    model = V4Model(cfg, dtype=dtype, device=device)
-    load_weights(model, root, progress=progress)
-    return model
 
 
 # ====================================================================== writing
