@@ -44,8 +44,38 @@ def ops_table() -> str:
     return "\n".join(lines)
 
 
+def chip_table(family: str) -> str:
+    """Which torch-npu op serves each V4 op on an Ascend chip family, and how (or why not)."""
+    from op_adapters.npu.chips import capability_rows, normalise_family
+
+    fam = normalise_family(family)
+    rows = capability_rows(fam)
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"Ascend {fam}: V4 op -> what runs (from the torch-npu 2.13 docs' supported-model lines)", ""]
+    lines.append(f"{'op'.ljust(w0)}  {'runs'.ljust(w1)}  how / why")
+    lines.append(f"{'-' * w0}  {'-' * w1}  {'-' * 9}")
+    for op, runs, how in rows:
+        lines.append(f"{op.ljust(w0)}  {runs.ljust(w1)}  {how}")
+    lines.append("")
+    lines.append("Shapes and dtypes outside an op's limits fall back to the reference at run time, logged once "
+                 "with the reason. Nothing here has run on real Ascend hardware (see README).")
+    return "\n".join(lines)
+
+
 def _cmd_ops(args: argparse.Namespace) -> int:
+    if args.chip:
+        print(chip_table(args.chip))
+        return 0
     print(ops_table())
+    from op_adapters.devices import npu_status
+
+    if npu_status()[0]:
+        from op_adapters.npu.chips import current_family
+
+        fam = current_family()
+        print()
+        print(chip_table(fam) if fam else "NPU available but its SoC version is not a known family")
     return 0
 
 
@@ -143,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar while loading")
     s.set_defaults(func=_cmd_generate)
     s = sub.add_parser("ops", help="print the op x backend table for this machine")
+    s.add_argument("--chip", help="show the torch-npu op used per V4 op on an Ascend family: 950 | A3 | A2 | 310P")
     s.set_defaults(func=_cmd_ops)
     s = sub.add_parser("config", help="print a resolved model config (preset, YAML or config.json)")
     s.add_argument("model", help=f"preset ({', '.join(preset_names())}), YAML file, config.json or checkpoint dir")

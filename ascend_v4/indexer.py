@@ -44,5 +44,4 @@ class Indexer(nn.Module):
         w = self.weights_proj(x) * self.weight_scale
         n = int(counts.max())
         keys = state.entries[:, :n]
-        scores = ops.indexer_scores(q, keys, w)
-        return ops.indexer_topk(scores, self.topk, ctx.positions, 4)
+        return ops.lightning_indexer(q, keys, w, ctx.positions, topk=self.topk, ratio=4)

@@ -6,7 +6,7 @@ it goes through :mod:`op_adapters`, which picks a backend and falls back to thes
 
 from .attention import sparse_attention
 from .compressor import compress_pool
-from .indexer import indexer_scores, indexer_topk
+from .indexer import indexer_scores, indexer_topk, lightning_indexer
 from .mhc import mhc_head, mhc_post, mhc_pre, sinkhorn
 from .moe import moe_experts, moe_gate
 from .norm import rms_norm
@@ -23,6 +23,7 @@ OPS = {
     "compress_pool": compress_pool,
     "indexer_scores": indexer_scores,
     "indexer_topk": indexer_topk,
+    "lightning_indexer": lightning_indexer,
     "sparse_attention": sparse_attention,
     "moe_gate": moe_gate,
     "moe_experts": moe_experts,

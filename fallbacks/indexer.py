@@ -67,3 +67,10 @@ def indexer_topk(scores: torch.Tensor, k: int, positions: torch.Tensor, ratio: i
     # index, so prefill, chunked prefill and decode select the same entries
     idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :width]
     return idx.masked_fill(idx >= limit.unsqueeze(-1), -1)
+
+
+def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor, *,
+                      topk: int, ratio: int = 4) -> torch.Tensor:
+    """Scores and causal top-k in one call (what ``npu_lightning_indexer`` fuses): the entry
+    indices [B, S, min(topk, N)] each query attends to, −1 padded."""
+    return indexer_topk(indexer_scores(q, k, weights), topk, positions, ratio)

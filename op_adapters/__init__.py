@@ -11,10 +11,13 @@ import functools
 
 import fallbacks
 
-from .registry import BACKENDS, choose, dispatch, last_backends, ops, register, requested_backend, use_backend
+from .registry import (BACKENDS, choose, dispatch, last_backends, ops, register, requested_backend, simulate_device,
+                       use_backend)
 
 for _name, _fn in fallbacks.OPS.items():
     register(_name, "reference")(_fn)
+
+from . import npu  # noqa: E402,F401  (registers the torch-npu adapters; imports no torch_npu)
 
 
 def _dispatcher(name: str):
@@ -36,6 +39,7 @@ mhc_head = _dispatcher("mhc_head")
 compress_pool = _dispatcher("compress_pool")
 indexer_scores = _dispatcher("indexer_scores")
 indexer_topk = _dispatcher("indexer_topk")
+lightning_indexer = _dispatcher("lightning_indexer")
 sparse_attention = _dispatcher("sparse_attention")
 moe_gate = _dispatcher("moe_gate")
 moe_experts = _dispatcher("moe_experts")
@@ -45,4 +49,4 @@ fp4_fake_quant = _dispatcher("fp4_fake_quant")
 act_quant = _dispatcher("act_quant")
 
 __all__ = sorted(fallbacks.OPS) + ["BACKENDS", "choose", "dispatch", "last_backends", "ops", "register",
-                                   "requested_backend", "use_backend"]
+                                   "requested_backend", "simulate_device", "use_backend"]

@@ -39,6 +39,9 @@ class Implementation:
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("ascend_v4_backend", default=None)
+# Tests only: treat tensors on this device type as if they lived on the named accelerator, so a
+# backend's code path (with a stand-in torch_npu module) runs on CPU tensors.
+_simulated: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("ascend_v4_sim", default=None)
 _logged: set[tuple[str, str, str]] = set()
 _last_used: dict[str, str] = {}
 _lock = threading.Lock()
@@ -88,6 +91,18 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+@contextlib.contextmanager
+def simulate_device(backend: str, on: str = "cpu") -> Iterator[None]:
+    """Run ``backend``'s implementations for tensors on ``on`` (for simulated-NPU tests only)."""
+    if backend not in ("npu", "cuda"):
+        raise ValueError(f"can only simulate npu or cuda, got {backend!r}")
+    token = _simulated.set((on, backend))
+    try:
+        yield
+    finally:
+        _simulated.reset(token)
+
+
 def _first_device(args: tuple, kwargs: dict) -> torch.device:
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, torch.Tensor):
@@ -109,19 +124,23 @@ def choose(op: str, args: tuple = (), kwargs: dict | None = None) -> tuple[str, 
     kwargs = kwargs or {}
     impls = implementations(op)
     requested = requested_backend()
-    device = _first_device(args, kwargs)
+    device_type = _first_device(args, kwargs).type
+    sim = _simulated.get()
+    simulated = sim is not None and sim[0] == device_type
+    if simulated:
+        device_type = sim[1]
     wanted = requested
     if requested == "auto":
-        wanted = {"npu": "npu", "cuda": "cuda"}.get(device.type, "reference")
+        wanted = {"npu": "npu", "cuda": "cuda"}.get(device_type, "reference")
     if wanted != "reference":
         impl = impls.get(wanted)
-        ok, why = backend_status(wanted)
+        ok, why = (True, "simulated") if simulated and wanted == device_type else backend_status(wanted)
         if impl is None:
             reason = f"no {wanted} implementation registered"
         elif not ok:
             reason = why
-        elif device.type != wanted:
-            reason = f"tensors are on {device.type}, not {wanted}"
+        elif device_type != wanted:
+            reason = f"tensors are on {device_type}, not {wanted}"
         else:
             reason = impl.supports(*args, **kwargs) if impl.supports else None
             if reason is None:
