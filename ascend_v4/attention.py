@@ -74,6 +74,7 @@ class Attention(nn.Module):
         kv = ops.apply_rope(kv, cos, sin)
         if ctx.fake_quant:
             kv = torch.cat((ops.fp8_fake_quant(kv[..., :self.nope_dim], 64), kv[..., self.nope_dim:]), dim=-1)
+        ctx.record("attn.kv", kv)
         # index sets (§10): window first, then compressed entries emitted before this attention
         W = self.window
         parts_idx = [self.window_indices(ctx, S)]
@@ -82,6 +83,9 @@ class Attention(nn.Module):
             topk = self.indexer(x, q_lat, ctx, cache.indexer) if self.indexer is not None else None
             counts = self.compressor(x, ctx, cache.compressor)
             n = int(counts.max())
+            ctx.record("attn.compressed", cache.compressor.entries[:, :n])
+            if topk is not None:
+                ctx.record("attn.indexer_topk", topk)
             parts_kv.append(cache.compressor.entries[:, :n])
             if self.ratio == HCA:
                 i = torch.arange(n, device=x.device)

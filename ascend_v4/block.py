@@ -63,20 +63,17 @@ class Block(nn.Module):
                            getattr(self, f"hc_{part}_base"), norm_eps=self.norm_eps, hc_eps=self.hc_eps,
                            iters=self.iters)
 
-    def forward(self, X: torch.Tensor, ctx: StepContext, cache: LayerCache, input_ids: torch.Tensor,
-                probe=None) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, ctx: StepContext, cache: LayerCache, input_ids: torch.Tensor) -> torch.Tensor:
+        ctx.record("streams_in", X)
         x, post, comb = self._pre(X, "attn")
+        ctx.record("attn.x_in", x)
         h = self.attn(self.attn_norm(x), ctx, cache)
-        if probe is not None:
-            probe("attn_in", x)
-            probe("attn_out", h)
+        ctx.record("attn.out", h)
         X = ops.mhc_post(X, h, post, comb)
         x, post, comb = self._pre(X, "ffn")
-        h = self.ffn(self.ffn_norm(x), input_ids)
-        if probe is not None:
-            probe("ffn_in", x)
-            probe("ffn_out", h)
+        ctx.record("ffn.x_in", x)
+        h = self.ffn(self.ffn_norm(x), input_ids, ctx)
+        ctx.record("ffn.out", h)
         X = ops.mhc_post(X, h, post, comb)
-        if probe is not None:
-            probe("streams_out", X)
+        ctx.record("streams_out", X)
         return X

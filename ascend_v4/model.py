@@ -113,10 +113,12 @@ class V4Model(nn.Module):
         for s0 in range(0, max(S, 1), self.prefill_chunk):
             s1 = min(S, s0 + self.prefill_chunk)
             chunk_len = (lengths - s0).clamp(0, s1 - s0)
-            ctx = StepContext.build(self.config, cache.lengths.clone(), chunk_len, s1 - s0, self.fake_quant)
-            X = self._run_layers(input_ids[:, s0:s1], ctx, cache, probe)
+            ctx = StepContext.build(self.config, cache.lengths.clone(), chunk_len, s1 - s0, self.fake_quant, probe)
+            X = self._run_layers(input_ids[:, s0:s1], ctx, cache)
             cache.lengths += chunk_len
             logits.append(self._logits(X, chunk_len if last_only else None))
+            ctx.prefix = ""
+            ctx.record("logits", logits[-1])
             if return_hidden:
                 hidden.append(X)
         if last_only:
@@ -132,11 +134,13 @@ class V4Model(nn.Module):
             return logits, torch.cat(hidden, dim=1)
         return logits
 
-    def _run_layers(self, ids: torch.Tensor, ctx: StepContext, cache: KVCache, probe=None) -> torch.Tensor:
+    def _run_layers(self, ids: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
         X = self.embed(ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        ctx.record("embed", X[:, :, 0])
         for i, (layer, lc) in enumerate(zip(self.layers, cache.layers)):
-            sub = (lambda name, t, i=i: probe(f"layers.{i}.{name}", t)) if probe else None
-            X = layer(X, ctx, lc, ids, probe=sub)
+            ctx.prefix = f"layers.{i}."
+            X = layer(X, ctx, lc, ids)
+        ctx.prefix = ""
         return X
 
     def _logits(self, X: torch.Tensor, last_len: torch.Tensor | None) -> torch.Tensor:

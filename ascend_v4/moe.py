@@ -51,10 +51,13 @@ class MoE(nn.Module):
         self.shared_experts = SharedExpert(d, I, dtype) if config.n_shared_experts else None
         self.fake_quant = False
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, ctx=None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, input_ids.reshape(-1))
+        if ctx is not None:
+            ctx.record("ffn.gate_weights", weights.view(*shape[:-1], -1))
+            ctx.record("ffn.expert_ids", indices.view(*shape[:-1], -1))
         xq = ops.fp8_fake_quant(x, 128) if self.fake_quant else x
         acc = hp_dtype(x.dtype)
         y = ops.moe_experts(xq, weights, indices, self.w1, self.w2, self.w3, swiglu_limit=self.swiglu_limit,

@@ -44,7 +44,7 @@ def layer_frequencies(config: ModelConfig, layer_kind: int | str) -> torch.Tenso
 
 def rope_tables(config: ModelConfig, layer_kind: int | str, positions: torch.Tensor | int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) fp32 tables of shape [*positions.shape, r/2] for ``op_adapters.apply_rope``."""
+    """(cos, sin) fp64 tables of shape [*positions.shape, r/2] for ``op_adapters.apply_rope``."""
     if isinstance(positions, int):
         positions = torch.arange(positions)
     return rope_cos_sin(layer_frequencies(config, layer_kind).to(positions.device), positions)

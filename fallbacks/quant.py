@@ -35,11 +35,23 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
         raise ValueError(f"quantisation block must be an integer >= 1, got {block!r}")
     K = x.shape[-1]
     pad = (-K) % block
-    xf = x.float()
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # fp64 stays exact
     if pad:
         # pad with zeros: they never raise a block's amax, so the partial block keeps its own scale
         xf = torch.nn.functional.pad(xf, (0, pad))
     return xf.unflatten(-1, (-1, block)), K
+
+
+def round_to_e4m3(a: torch.Tensor) -> torch.Tensor:
+    """Round (already clamped to ±448) values to the nearest e4m3 value, ties to even, in a's dtype.
+
+    Done arithmetically rather than by ``.to(float8_e4m3fn)`` because PyTorch casts fp64 to fp8
+    through fp32, which rounds twice.  e4m3 has 3 mantissa bits and a minimum exponent of −6
+    (subnormal spacing 2^−9), so the spacing at |a| is 2^(max(⌊log2|a|⌋, −6) − 3).
+    """
+    _, e = torch.frexp(a)                              # |a| = m·2^e, m ∈ [0.5, 1)
+    step = torch.ldexp(torch.ones_like(a), torch.clamp(e - 1, min=-6) - 3)
+    return torch.round(a / step) * step                # exact division by a power of two
 
 
 def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +60,8 @@ def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Te
     xb, K = _blocks(x, block)
     amax = xb.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)
     scale = pow2_ceil(amax * _INV_448)
-    q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.flatten(-2)[..., :K], scale.squeeze(-1)
+    q = round_to_e4m3((xb / scale).clamp(-FP8_MAX, FP8_MAX)).to(torch.float8_e4m3fn)  # exact cast
+    return q.flatten(-2)[..., :K], scale.squeeze(-1).float()
 
 
 def fp8_fake_quant(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -58,7 +70,7 @@ def fp8_fake_quant(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     xb, K = _blocks(x, block)
     amax = xb.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)
     scale = pow2_ceil(amax * _INV_448)
-    q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    q = round_to_e4m3((xb / scale).clamp(-FP8_MAX, FP8_MAX)) * scale
     return q.flatten(-2)[..., :K].to(x.dtype)
 
 

@@ -39,9 +39,10 @@ def rope_frequencies(rope_dim: int, base: float, *, yarn_factor: float = 1.0, or
 
 
 def rope_cos_sin(theta: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables, fp32 [*positions.shape, r/2]; angles are formed in fp64 so large p stay exact."""
+    """cos/sin tables, fp64 [*positions.shape, r/2] (angles exact for large p); ``apply_rope`` rounds
+    them once to its compute dtype (fp32, or fp64 for a float64 model)."""
     angles = positions.to(torch.float64).unsqueeze(-1) * theta.to(torch.float64)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:

@@ -652,11 +652,11 @@ def test_rope_tables_use_the_layer_base(kind, base, yarn):
     positions = torch.tensor([0, 1, 3, 17, 1000])
     cos, sin = ascend_v4.rope_tables(cfg, kind, positions)
     assert cos.shape == sin.shape == (5, 32)
-    assert cos.dtype == torch.float32
+    assert cos.dtype == torch.float64  # rounded once to the compute dtype inside apply_rope
     theta = torch.tensor(_spec_theta(base, yarn=yarn), dtype=torch.float64)
     angles = positions.to(torch.float64)[:, None] * theta
-    torch.testing.assert_close(cos, angles.cos().float(), atol=2e-6, rtol=0)
-    torch.testing.assert_close(sin, angles.sin().float(), atol=2e-6, rtol=0)
+    torch.testing.assert_close(cos, angles.cos(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sin, angles.sin(), atol=1e-12, rtol=0)
 
 
 def test_rope_tables_swa_and_csa_differ():
@@ -684,8 +684,8 @@ def test_rope_tables_follow_config_bases():
     cos_csa, _ = ascend_v4.rope_tables(cfg, "csa", positions)
     want_swa = [math.cos(2 * 500.0 ** (-2 * i / r)) for i in range(r // 2)]
     want_csa = [math.cos(2 * 7000.0 ** (-2 * i / r)) for i in range(r // 2)]  # factor 1: no YaRN
-    torch.testing.assert_close(cos_swa[0], torch.tensor(want_swa, dtype=torch.float32), atol=2e-6, rtol=0)
-    torch.testing.assert_close(cos_csa[0], torch.tensor(want_csa, dtype=torch.float32), atol=2e-6, rtol=0)
+    torch.testing.assert_close(cos_swa[0], torch.tensor(want_swa, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(cos_csa[0], torch.tensor(want_csa, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_rope_tables_reject_unknown_kind():
