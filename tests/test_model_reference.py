@@ -133,7 +133,8 @@ def test_oracle_sinkhorn_and_yarn_follow_the_spec():
     c = ref.RefCfg.from_mapping(_cfg())
     g = torch.Generator().manual_seed(SEED)
     X = torch.randn(c.n_hc, c.d, generator=g, dtype=torch.float64)
-    fn = torch.randn(24, 4 * c.d, generator=g, dtype=torch.float64)
+    # unit-scale mix logits: with raw randn weights |mix| reaches ~40, where 2σ rounds to exactly 2.0
+    fn = torch.randn(24, 4 * c.d, generator=g, dtype=torch.float64) / (4 * c.d) ** 0.5
     _, post, comb = ref.hc_pre(X, fn, torch.ones(3, dtype=torch.float64), torch.zeros(24, dtype=torch.float64), c)
     assert torch.allclose(comb.sum(0), torch.ones(4, dtype=torch.float64), atol=1e-5)   # last step: columns
     assert ((post > 0) & (post < 2)).all()

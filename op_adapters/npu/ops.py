@@ -79,7 +79,7 @@ def supports_apply_rope(x, cos, sin, *, inverse=False):
     r, c = _rope_view(x, cos)
     if c is None or c.dim() != 4 or c.shape[2] != 1:
         return f"npu_rotary_mul interleave mode needs BSND input with 1S1D cos; got x {tuple(x.shape)}, cos {tuple(cos.shape)}"
-    if c.shape[0] > 1 and not torch.equal(c, c[:1].expand_as(c)):
+    if c.shape[0] > 1 and c.device.type != "meta" and not torch.equal(c, c[:1].expand_as(c)):
         return "npu_rotary_mul interleave mode takes one cos/sin row for the whole batch (1S1D); positions differ per row"
     x4 = x if x.dim() == 4 else (x.unsqueeze(-2) if x.dim() == 3 else x.unsqueeze(0).unsqueeze(-2))
     if x4.shape[0] * x4.shape[2] >= 1000:
@@ -192,38 +192,40 @@ def npu_lightning_indexer(q, k, weights, positions, *, topk, ratio=4):
     B, S, H, D = q.shape
     N = k.shape[1]
     width = min(topk, N)
-    pos = positions.to(torch.int64).expand(B, S)
-    limit = torch.div(pos + 1, ratio, rounding_mode="floor")                 # ⌊(p+1)/m⌋ per query
+    dev = q.device
     if width == 0 or S == 0:
-        return torch.full((B, S, width), -1, dtype=torch.int64, device=q.device)
-    # group queries whose limit is equal: each group is one "batch" of the op, all groups of a row
-    # read the row's keys through the same block_table row, with their own key length
-    group = limit - limit[:, :1]                                              # [B, S], 0-based
+        return torch.full((B, S, width), -1, dtype=torch.int64, device=dev)
+    # Group the queries whose limit ⌊(p+1)/m⌋ is equal: each group is one "batch" of the op, and all
+    # groups of a row read that row's keys through the same block_table row, each with its own key
+    # length.  The bookkeeping uses only the positions, on their own device (host in the contract
+    # tests; one small transfer per call on an NPU).
+    pos = positions.to(torch.int64).expand(B, S)
+    limit = torch.div(pos + 1, ratio, rounding_mode="floor")                 # [B, S]
+    group = limit - limit[:, :1]                                              # 0-based per row
     G = int(group.max()) + 1
-    s_ar = torch.arange(S, device=q.device).expand(B, S)
-    first = torch.full((B, G), S, dtype=torch.int64, device=q.device).scatter_reduce(1, group, s_ar, "amin")
-    slot = s_ar - first.gather(1, group)                                      # query's place in its group
-    gid = (torch.arange(B, device=q.device).unsqueeze(1) * G + group).reshape(-1)
+    s_ar = torch.arange(S, device=pos.device).expand(B, S)
+    first = torch.full((B, G), S, dtype=torch.int64, device=pos.device).scatter_reduce(1, group, s_ar, "amin")
+    slot = (s_ar - first.gather(1, group)).reshape(-1)                       # place in its group
+    gid = (torch.arange(B, device=pos.device).unsqueeze(1) * G + group).reshape(-1)
+    glimit = torch.zeros(B * G, dtype=torch.int64, device=pos.device).index_put_(
+        (gid,), limit.reshape(-1).clamp(max=N))
+    gcount = torch.zeros(B * G, dtype=torch.int64, device=pos.device).index_add_(0, gid, torch.ones_like(gid))
+    pages = -(-N // _PAGE)
+    table = (torch.arange(B, device=pos.device).repeat_interleave(G).unsqueeze(1) * pages
+             + torch.arange(pages, device=pos.device))
+    gid_d, slot_d = gid.to(dev), slot.to(dev)
     qg = q.new_zeros(B * G, ratio, H, D)
     wg = q.new_zeros(B * G, ratio, H)
-    qg[gid, slot.reshape(-1)] = q.reshape(B * S, H, D)
-    wg[gid, slot.reshape(-1)] = weights.to(q.dtype).reshape(B * S, H)
-    glimit = torch.zeros(B * G, dtype=torch.int64, device=q.device)
-    glimit[gid] = limit.reshape(-1).clamp(max=N)
-    gcount = torch.zeros(B * G, dtype=torch.int64, device=q.device).index_add_(
-        0, gid, torch.ones_like(gid))
-    pages = -(-N // _PAGE)
+    qg[gid_d, slot_d] = q.reshape(B * S, H, D)
+    wg[gid_d, slot_d] = weights.to(q.dtype).reshape(B * S, H)
     keys = k.new_zeros(B, pages * _PAGE, D)
     keys[:, :N] = k
-    keys = keys.view(B * pages, _PAGE, 1, D)
-    table = (torch.arange(B, device=q.device).repeat_interleave(G).unsqueeze(1) * pages
-             + torch.arange(pages, device=q.device)).to(torch.int32)
     idx, _ = torch_npu().npu_lightning_indexer(
-        qg, keys, wg, actual_seq_lengths_query=gcount.to(torch.int32),
-        actual_seq_lengths_key=glimit.to(torch.int32), block_table=table, layout_query="BSND",
-        layout_key="PA_BSND", sparse_count=width, sparse_mode=0)
-    idx = idx.reshape(B * G, ratio, width)[gid, slot.reshape(-1)].reshape(B, S, width).to(torch.int64)
-    return idx.masked_fill((idx < 0) | (idx >= limit.unsqueeze(-1)), -1)
+        qg, keys.view(B * pages, _PAGE, 1, D), wg, actual_seq_lengths_query=gcount.to(dev, torch.int32),
+        actual_seq_lengths_key=glimit.to(dev, torch.int32), block_table=table.to(dev, torch.int32),
+        layout_query="BSND", layout_key="PA_BSND", sparse_count=width, sparse_mode=0)
+    idx = idx.reshape(B * G, ratio, width)[gid_d, slot_d].reshape(B, S, width).to(torch.int64)
+    return idx.masked_fill((idx < 0) | (idx >= limit.to(dev).unsqueeze(-1)), -1)
 
 
 # ------------------------------------------------------------------ sparse attention
