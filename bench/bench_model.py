@@ -72,19 +72,26 @@ def main() -> None:
     for n in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, "--one", str(n), "--preset", args.preset, "--decode-steps",
                str(args.decode_steps), "--dtype", args.dtype, "--chunk", str(args.chunk), "--device", args.device]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        rows.append(json.loads(out))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            rows.append({"tokens": n, "error": err[:160]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"done {n} tokens", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "dtype": args.dtype, "machine": platform.processor() or platform.machine(),
                        "rows": rows}, f, indent=2)
     print(f"\npreset {args.preset}, dtype {args.dtype}, prefill chunk {args.chunk}, device {args.device}, "
-          f"{rows[0]['threads']} threads, {platform.machine()}")
+          f"{next((r['threads'] for r in rows if 'threads' in r), '?')} threads, {platform.machine()}")
     mem = "peak RSS MiB" if args.device == "cpu" else "peak GPU MiB"
     print(f"{'context':>8} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms/tok':>14} {mem:>13} "
           f"{'cache MiB':>10}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['tokens']:>8} error: {r['error']}")
+            continue
         print(f"{r['tokens']:>8} {r['prefill_s']:>10.2f} {r['prefill_tok_s']:>14.1f} {r['decode_ms']:>14.1f} "
               f"{r['peak_rss_mib']:>13.0f} {r['cache_mib']:>10.1f}")
 
