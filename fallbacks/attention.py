@@ -41,7 +41,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
                          f"got range [{int(indices.min())}, {int(indices.max())}]")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(B, S, H, D, dtype=q.dtype, device=q.device)
-    if K == 0 or S == 0:
+    if K == 0 or S == 0 or N == 0:  # nothing to attend to (the range check forced every index to −1)
         return out
     sink_c = sink.to(compute).view(1, 1, H, 1)
     batch = torch.arange(B, device=q.device).view(B, 1, 1)
