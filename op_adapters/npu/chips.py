@@ -119,8 +119,9 @@ CAPABILITIES: dict[str, Capability] = {
                         "dropless routing; gate/up/down as grouped matmuls over expert-sorted rows; clamp + SwiGLU "
                         "and the routing weight (before W2, fp32) in PyTorch; fp32 combine with scales=None",
                         "x/weights bf16/fp16/fp32 of one dtype, E ≤ 1024, dims < 65536",
-                        ("expanded_row_idx (row_idx_type 0) indexes rows by slot·T + token, as finalize_routing "
-                         "reads it",)),
+                        ("expanded_row_idx (row_idx_type 0) numbers (token, slot) pairs token-major and "
+                         "finalize_routing reads that layout with drop_pad_mode 2 (from the CANN kernel source, "
+                         "not the torch-npu doc)",)),
     "hadamard": _cap([], (), "plain matmul with the Sylvester matrix (runs on the NPU as an ordinary op)"),
     "fp8_fake_quant": _cap([], (), "no torch-npu op with V4's power-of-two 1×64 scales; PyTorch ops on the NPU"),
     "fp4_fake_quant": _cap([], (), "npu_dynamic_mx_quant's scale rule differs from V4's (ascend_npu.md §5.8)"),

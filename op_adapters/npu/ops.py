@@ -343,14 +343,16 @@ def npu_moe_experts(x, weights, indices, w1, w2, w3, *, swiglu_limit=0.0, out_dt
     if swiglu_limit and swiglu_limit > 0:
         up = up.clamp(-swiglu_limit, swiglu_limit)
         gate = gate.clamp(max=swiglu_limit)
-    # routing weight before W2 (V4 §12.4): source row slot·T + t lands on row row_idx[slot·T + t]
+    # routing weight before W2 (V4 §12.4).  init_routing_v2 numbers the (token, slot) pairs
+    # token-major (t·k + slot) and row_idx (row_idx_type 0) maps each pair to its sorted row.
     w_rows = torch.empty(T * k, dtype=torch.float32, device=x.device)
-    w_rows[row_idx.to(torch.int64)] = weights.float().t().reshape(-1)
+    w_rows[row_idx.to(torch.int64)] = weights.float().reshape(-1)
     h = (F.silu(gate) * up * w_rows.unsqueeze(-1)).to(x.dtype)
     if act_quant_block:
         h = op_adapters.fp8_fake_quant(h, act_quant_block)
     down = tnpu.npu_grouped_matmul([h], [w2.transpose(1, 2)], **gmm)[0]
-    out = tnpu.npu_moe_finalize_routing(down.float(), None, None, None, None, row_idx, expert_idx, 0, k)
+    # drop_pad_mode 2 reads row_idx token-major, the v2 layout (mode 0 is the v1 slot-major one)
+    out = tnpu.npu_moe_finalize_routing(down.float(), None, None, None, None, row_idx, expert_idx, 2, k)
     return out.to(out_dtype or x.dtype)
 
 
