@@ -13,6 +13,8 @@ import torch
 
 import op_adapters as oa
 
+from op_helpers import assert_matches, rand
+
 # Tolerances, judged as |out - ref| <= atol * max|ref| + rtol * |ref|.
 #   compress_pool returns fp32 for fp32 and bf16 inputs alike (pooling is fp32; spec §13.1), and the
 #   reference uses the bf16-rounded inputs, so both dtypes get the fp32 tolerance: a softmax over at
@@ -29,17 +31,6 @@ SCORE_TOL = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=4e-3),
 }
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, tol: dict, what: str = "") -> None:
-    ref = ref.to(torch.float64)
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
-    torch.testing.assert_close(out.to(torch.float64), ref, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
-
-
-def rand(gen, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 # -------------------------------------------------------------------------------- compress_pool

@@ -13,6 +13,8 @@ import torch
 
 import op_adapters as oa
 
+from op_helpers import assert_matches, rand
+
 # Tolerances, judged as |out - ref| <= atol * max|ref| + rtol * |ref|.
 #   fp32: all mixing is fp32 (a 4d-long GEMM, sigmoids, 20 Sinkhorn sweeps of 4x4); the errors are a
 #         few fp32 ulps per step, so 1e-5 relative is tight but safe.
@@ -26,17 +28,6 @@ TOL = {
 FP32_OUT_TOL = dict(rtol=1e-5, atol=2e-6)  # fp32 outputs (post, comb, Sinkhorn) for any input dtype
 DTYPES = [torch.float32, torch.bfloat16]
 EPS = 1e-6
-
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, tol: dict, what: str = "") -> None:
-    ref = ref.to(torch.float64)
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
-    torch.testing.assert_close(out.to(torch.float64), ref, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
-
-
-def rand(gen, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def sigmoid(v: float) -> float:

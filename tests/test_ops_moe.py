@@ -13,6 +13,8 @@ import torch
 
 import op_adapters as oa
 
+from op_helpers import assert_matches, rand
+
 # Tolerances, judged as |out - ref| <= atol * max|ref| + rtol * |ref|.
 #   gate weights are fp32 for every logits dtype (scores and renormalisation in fp32; the reference
 #   uses the same, possibly bf16-rounded, logits), so 1e-5 relative for both.
@@ -26,17 +28,6 @@ EXPERT_TOL = {
     torch.bfloat16: dict(rtol=3e-2, atol=1.2e-2),
 }
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, tol: dict, what: str = "") -> None:
-    ref = ref.to(torch.float64)
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
-    torch.testing.assert_close(out.to(torch.float64), ref, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
-
-
-def rand(gen, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------------------------- gate

@@ -15,6 +15,8 @@ import op_adapters as oa
 from ascend_v4 import ModelConfig, rope_tables
 from fallbacks.rope import rope_frequencies
 
+from op_helpers import assert_matches, rand
+
 # Tolerances, judged as |out - ref| <= atol * max|ref| + rtol * |ref|.
 #   fp32: the ops compute in fp32, so a few fp32 ulps of rounding (2^-23 ≈ 1.2e-7) per step;
 #         1e-5 relative leaves room for short reductions (mean over <= 64 values) and nothing more.
@@ -31,18 +33,6 @@ ROUNDTRIP_TOL = {
     torch.bfloat16: dict(rtol=2e-2, atol=8e-3),
 }
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, tol: dict, what: str = "") -> None:
-    """out (any dtype) vs a float64 reference; atol is relative to the reference's largest entry."""
-    ref = ref.to(torch.float64)
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
-    torch.testing.assert_close(out.to(torch.float64), ref, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
-
-
-def rand(gen, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------------------------- RMSNorm

@@ -16,6 +16,8 @@ import torch
 
 import op_adapters as oa
 
+from op_helpers import assert_matches, rand
+
 # Tolerances.
 #   Quantisation is exact arithmetic: scales are powers of two, x/scale is exact in fp32, the e4m3 /
 #   e2m1 grids have <= 4 significant bits, so q·scale is exact in fp32 AND in bf16.  Every quant test
@@ -28,17 +30,6 @@ HAD_TOL = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=4e-3),
 }
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, tol: dict, what: str = "") -> None:
-    ref = ref.to(torch.float64)
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
-    torch.testing.assert_close(out.to(torch.float64), ref, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
-
-
-def rand(gen, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------------------- value tables
