@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ascend_v4", "ascend_v4.*", "op_adapters", "op_adapters.*",
                                     "fallbacks", "fallbacks.*"]),
-    package_data={"ascend_v4.presets": ["*.yaml"]},
+    package_data={"ascend_v4.presets": ["*.yaml"], "ascend_v4.numerics": ["*.yaml"]},
     install_requires=[
         # tested with 2.13.0 (CI) ; torch-npu X pairs with torch X, so the npu extra pins the same range
         "torch>=2.13,<2.15",

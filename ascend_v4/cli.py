@@ -150,6 +150,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from .numerics import dump as numerics_dump
+
+    return numerics_dump.run_cli(args, default_prompt_ids=DEFAULT_PROMPT_IDS, parse_ids=_parse_ids)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .numerics import compare as numerics_compare
+
+    return numerics_compare.run_cli(args, default_prompt_ids=DEFAULT_PROMPT_IDS, parse_ids=_parse_ids)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-v4", description="DeepSeek V4 on Ascend NPUs, with reference numerics.")
     p.add_argument("-v", "--verbose", action="store_true", help="log dispatch decisions and fallbacks")
@@ -178,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("config", help="print a resolved model config (preset, YAML or config.json)")
     s.add_argument("model", help=f"preset ({', '.join(preset_names())}), YAML file, config.json or checkpoint dir")
     s.set_defaults(func=_cmd_config)
+    from .numerics import compare as numerics_compare
+    from .numerics import dump as numerics_dump
+
+    s = sub.add_parser("dump", help="record per-layer tensors of a prefill (+ greedy decode steps) for compare")
+    s.add_argument("--out", required=True, metavar="RUN", help="run directory to write (manifest + safetensors)")
+    numerics_dump.add_arguments(s, default_model=DEFAULT_MODEL)
+    s.set_defaults(func=_cmd_dump)
+    s = sub.add_parser("compare", help="compare two dumps tensor by tensor; name the first that differs")
+    numerics_compare.add_arguments(s, default_model=DEFAULT_MODEL)
+    s.set_defaults(func=_cmd_compare)
     return p
 
 

@@ -160,6 +160,11 @@ def last_backends() -> dict[str, str]:
     return dict(_last_used)
 
 
+def reset_last_backends() -> None:
+    """Forget which backend ran each op (before a run whose backends should be recorded alone)."""
+    _last_used.clear()
+
+
 def reset_fallback_log() -> None:
     with _lock:
         _logged.clear()

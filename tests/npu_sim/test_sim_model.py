@@ -30,7 +30,7 @@ FP32_TOL = 1e-4  # issue 4: simulated NPU path vs reference, fp32 logits
 def npu_path(model, ids, chip, **kw):
     with simulated_torch_npu(soc_version=chip), use_chip(chip), registry.simulate_device("npu"), \
             op_adapters.use_backend("npu"):
-        registry._last_used.clear()
+        registry.reset_last_backends()
         out = model(ids, **kw)
         used = {op for op, backend in registry.last_backends().items() if backend == "npu"}
     return out, used
