@@ -133,9 +133,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"prompt ids ({len(ids)}): {ids}")
     print("output: ", end="", flush=True)
 
+    generated: list[int] = []
+    shown = [""]
+
     def on_token(row: int, token: int) -> None:
-        piece = tok.decode([token]) if tok is not None else f"{token} "
-        print(piece, end="", flush=True)
+        if tok is None:
+            print(f"{token} ", end="", flush=True)
+            return
+        # decode the whole continuation and print what is new: tokens that only make sense
+        # together (byte pieces, word boundaries) come out right
+        generated.append(token)
+        text = tok.decode(generated)
+        print(text[len(shown[0]):] if text.startswith(shown[0]) else text, end="", flush=True)
+        shown[0] = text
 
     res = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, mtp=args.mtp, eos_token_id=cfg.eos_token_id if tok is not None else None,
