@@ -45,6 +45,10 @@ def load_model(path_or_preset: str | Path, device: str | torch.device = "cpu", d
     """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but no CUDA device is available (torch.cuda.is_available() is False)")
+    if device.type == "npu" and not hasattr(torch, "npu"):
+        raise ValueError(f"device {device} requested but torch-npu is not loaded (see README: installing on an Ascend host)")
     s = str(path_or_preset)
     path = Path(path_or_preset)
     tokenizer = None

@@ -99,9 +99,11 @@ class V4Model(nn.Module):
         """
         self._check_ids(input_ids)
         B, S = input_ids.shape
+        if S == 0:
+            raise ValueError("input_ids has no tokens (shape [batch, 0])")
         input_ids = input_ids.to(self.device)
         if cache is None:
-            cache = self.new_cache(B, max(S, 1))
+            cache = self.new_cache(B, S)
         if cache.batch_size != B:
             raise ValueError(f"input batch {B} does not match the cache's batch_size {cache.batch_size}")
         lengths = self._lengths(lengths, B, S)
@@ -110,7 +112,7 @@ class V4Model(nn.Module):
             raise ValueError(f"context too long: {int(end.max())} tokens exceed the cache's max_len "
                              f"{cache.max_len} (create the cache with a larger max_len)")
         logits, hidden = [], []
-        for s0 in range(0, max(S, 1), self.prefill_chunk):
+        for s0 in range(0, S, self.prefill_chunk):
             s1 = min(S, s0 + self.prefill_chunk)
             chunk_len = (lengths - s0).clamp(0, s1 - s0)
             ctx = StepContext.build(self.config, cache.lengths.clone(), chunk_len, s1 - s0, self.fake_quant, probe)

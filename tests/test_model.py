@@ -184,6 +184,7 @@ def test_cache_longer_than_max_position_is_refused(tiny):
     (torch.zeros(1, 5), "int32 or int64"),
     (torch.full((1, 5), 10_000), "vocab_size"),
     (torch.full((1, 5), -1), "vocab_size"),
+    (torch.zeros(1, 0, dtype=torch.int64), "no tokens"),
 ])
 def test_bad_input_ids(tiny, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -203,6 +204,12 @@ def test_bad_lengths(tiny):
 def test_random_weights_for_a_huge_preset_are_refused():
     with pytest.raises(ValueError, match="checkpoint"):
         ascend_v4.load_model("v4-flash")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_a_gpu():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        ascend_v4.load_model("tiny", device="cuda")
 
 
 def test_unknown_model_path():
