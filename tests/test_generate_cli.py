@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import ascend_v4
 from ascend_v4.checkpoint import save_model

@@ -100,3 +100,33 @@ def test_fallback_is_logged_once_with_the_reason(caplog):
             op_adapters.mhc_post(x, torch.randn(2, 3, 8), torch.rand(2, 3, 4), torch.rand(2, 3, 4, 4))
     msgs = [r.getMessage() for r in caplog.records if "mhc_post" in r.getMessage()]
     assert len(msgs) == 1 and "documented for 950" in msgs[0]
+
+
+def test_gate_norm_type_refused_once_falls_back_for_the_process(caplog, monkeypatch):
+    """norm_type=2 (sqrt-softplus) is undocumented: if the installed CANN refuses it, the adapter
+    falls back to the reference for the rest of the process and says so once."""
+    import torch
+
+    import fallbacks
+    import op_adapters
+    from op_adapters import registry
+    from op_adapters.npu import ops as npu_ops
+
+    monkeypatch.setattr(npu_ops, "_refused", {})
+    logits = torch.randn(6, 16)
+    bias = torch.randn(16) * 0.1
+    want = fallbacks.moe_gate(logits, bias=bias, k=2, route_scale=1.5)
+    with simulated_torch_npu(soc_version=250) as tnpu, chips.use_chip("A3"), registry.simulate_device("npu"):
+        calls = []
+
+        def refuse(*args, **kwargs):
+            calls.append(kwargs.get("norm_type"))
+            raise RuntimeError("EZ1001: norm_type 2 is not supported")
+
+        monkeypatch.setattr(tnpu, "npu_moe_gating_top_k", refuse)
+        for _ in range(3):
+            w, idx = op_adapters.moe_gate(logits, bias=bias, k=2, route_scale=1.5)
+            assert torch.equal(idx, want[1]) and torch.allclose(w, want[0])
+    assert calls == [2], "the refused op must be tried exactly once"
+    assert "sqrtsoftplus" in npu_ops._refused
+    assert sum("refused norm_type 2" in r.getMessage() for r in caplog.records) >= 1
