@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config, preset_names
 
@@ -111,7 +112,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, fake_quant=args.fake_quant,
                        seed=args.seed, progress=not args.quiet)
     cfg = model.config
-    random_weights = not __import__("pathlib").Path(args.model).is_dir()
+    random_weights = not Path(args.model).is_dir()
     tok = getattr(model, "tokenizer", None)
     if args.prompt is not None and args.prompt_ids is not None:
         raise ValueError("give either --prompt or --prompt-ids, not both")
