@@ -63,9 +63,17 @@ def indexer_topk(scores: torch.Tensor, k: int, positions: torch.Tensor, ratio: i
         return torch.empty(B, S, 0, dtype=torch.int64, device=scores.device)
     cand = torch.arange(N, device=scores.device)
     masked = scores.masked_fill(cand >= limit.unsqueeze(-1), float("-inf"))
-    # a stable descending sort breaks ties (ReLU makes exact-zero scores common) by the lower
-    # index, so prefill, chunked prefill and decode select the same entries
-    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :width]
+    # Ties (ReLU makes exact-zero scores common) go to the lower index, so prefill, chunked
+    # prefill and decode select the same entries: take everything above the width-th largest
+    # score, then the lowest-index entries equal to it.  O(N) per row, unlike a full sort.
+    # a NaN score (only from NaN inputs) counts as the largest, as a descending sort would place it
+    masked = torch.where(torch.isnan(masked), torch.full_like(masked, float("inf")), masked)
+    thr = masked.topk(width, dim=-1).values[..., -1:]
+    above = masked > thr
+    need = width - above.sum(dim=-1, keepdim=True)
+    at = masked == thr
+    chosen = above | (at & (at.cumsum(dim=-1) <= need))
+    idx = chosen.nonzero()[:, -1].view(B, S, width)        # exactly `width` per row, ascending
     return idx.masked_fill(idx >= limit.unsqueeze(-1), -1)
 
 
