@@ -131,8 +131,10 @@ def _experts_chunk(x, tok, exp, wr, w1, w2, w3, limit, y, act_quant_block) -> No
     cap = int(counts.max())
     buf = x.new_zeros(active.numel(), cap, x.shape[1])
     buf[group, rank] = x[tok]
-    gate = torch.bmm(buf, w1[active].transpose(1, 2)).to(y.dtype)  # [A, cap, I], linear output in x.dtype
-    up = torch.bmm(buf, w3[active].transpose(1, 2)).to(y.dtype)
+    if active.numel() < w1.shape[0]:  # gather only the experts that got tokens (a copy); all: use as is
+        w1, w2, w3 = w1[active], w2[active], w3[active]
+    gate = torch.bmm(buf, w1.transpose(1, 2)).to(y.dtype)  # [A, cap, I], linear output in x.dtype
+    up = torch.bmm(buf, w3.transpose(1, 2)).to(y.dtype)
     if limit and limit > 0:
         up = up.clamp(-limit, limit)
         gate = gate.clamp(max=limit)
@@ -141,5 +143,5 @@ def _experts_chunk(x, tok, exp, wr, w1, w2, w3, limit, y, act_quant_block) -> No
     h = (F.silu(gate) * up * wbuf.unsqueeze(-1)).to(x.dtype)
     if act_quant_block:
         h = fp8_fake_quant(h, act_quant_block)
-    out = torch.bmm(h, w2[active].transpose(1, 2))                  # [A, cap, d] in x.dtype
+    out = torch.bmm(h, w2.transpose(1, 2))                          # [A, cap, d] in x.dtype
     y.index_add_(0, tok, out[group, rank].to(y.dtype))

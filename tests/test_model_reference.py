@@ -12,7 +12,6 @@ overhead to thousands of tiny ops (and a lot of it when the machine is loaded).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -32,16 +31,6 @@ import v4_reference as ref  # noqa: E402
 TOL = 1e-9  # relative max error of the float64 logits (max |got - want| / max |want|)
 
 SEED = int(os.environ.get("ASCEND_V4_REF_SEED") or secrets.randbits(31))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +66,7 @@ def _run_model(B: int, S: int, fake_quant: bool = False):
     old = m.fake_quant
     m.fake_quant = fake_quant
     try:
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), ref._single_thread():
             ids = _ids(B, S)
             logits = m(ids)
             mtp = m.mtp_logits(ids) if S > 1 else None
@@ -256,7 +245,7 @@ def test_fp8_fake_quant_rounds_the_float64_value():
         m, ids = _crafted_model(target)
         sd = {**dict(m.named_parameters()), **dict(m.named_buffers())}
         m.fake_quant = True
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), ref._single_thread():
             got = m(ids)
         want = ref.reference_logits(sd, _cfg(), ids, fake_quant=True)
         err = _rel(got, want)
